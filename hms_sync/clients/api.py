@@ -1,0 +1,113 @@
+"""Client for HMS-API (contract section 1)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from ..errors import BadResponse
+from ..models import ApiOrder, iso
+from .base import HttpOptions, JsonClient, expect
+
+
+class ApiClient(JsonClient):
+    system = "HMS-API"
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        options: HttpOptions | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(
+            base_url,
+            {"Authorization": f"Bearer {token}"},
+            options=options,
+            transport=transport,
+            **kw,
+        )
+
+    def _order(self, doc: Any, method: str, path: str) -> ApiOrder:
+        raw = expect(doc, "data", dict, {"system": self.system, "method": method, "path": path})
+        return self._parse(raw, method, path)
+
+    def _parse(self, raw: Any, method: str, path: str) -> ApiOrder:
+        try:
+            return ApiOrder.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise BadResponse(
+                f"order has a bad or missing field {field!r}",
+                system=self.system, method=method, path=path,
+            ) from None
+
+    async def get_order(self, order_id: int) -> ApiOrder:
+        path = f"/api/orders/{int(order_id)}"
+        return self._order(await self.request("GET", path), "GET", path)
+
+    async def update_order(
+        self, order_id: int, *, status: str | None = None, oms_order_code: str | None = None
+    ) -> ApiOrder:
+        path = f"/api/orders/{int(order_id)}"
+        body: dict[str, Any] = {}
+        if status is not None:
+            body["status"] = status
+        if oms_order_code is not None:
+            body["oms_order_code"] = oms_order_code
+        return self._order(await self.request("PATCH", path, json_body=body), "PATCH", path)
+
+    async def create_order(self, title: str, user_id: int, items: list[Any]) -> ApiOrder:
+        """What a customer does; hms-sync itself never creates API orders."""
+        path = "/api/orders"
+        body = {"title": title, "user_id": user_id, "items": items}
+        return self._order(await self.request("POST", path, json_body=body), "POST", path)
+
+    async def list_page(
+        self,
+        *,
+        updated_since: datetime | None = None,
+        per_page: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[ApiOrder], str | None]:
+        path = "/api/orders"
+        params = {
+            "updated_since": iso(updated_since) if updated_since else None,
+            "per_page": per_page,
+            "cursor": cursor,
+        }
+        doc = await self.request("GET", path, params=params)
+        rows = expect(doc, "data", list, {"system": self.system, "method": "GET", "path": path})
+        next_cursor = doc.get("next_cursor")
+        if next_cursor is not None and not isinstance(next_cursor, str):
+            raise BadResponse("next_cursor is not a string", system=self.system, path=path)
+        return [self._parse(r, "GET", path) for r in rows], next_cursor
+
+    async def iter_pages(
+        self, *, updated_since: datetime | None = None, per_page: int = 100
+    ) -> AsyncIterator[list[ApiOrder]]:
+        """Walk every order updated at or after `updated_since`, a page at a time.
+
+        Keyset pagination is stable while orders change: one updated during the walk moves
+        behind the cursor's position and is still reached.
+        """
+        cursor: str | None = None
+        while True:
+            rows, cursor = await self.list_page(
+                updated_since=updated_since, per_page=per_page, cursor=cursor
+            )
+            if rows:
+                yield rows
+            if not cursor or not rows:
+                return
+
+    async def ping(self) -> None:
+        """One cheap authenticated call, for `hms-sync check`."""
+        await self.list_page(per_page=1)

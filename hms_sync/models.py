@@ -1,0 +1,77 @@
+"""Typed views of the two systems' order resources (contract sections 1 and 2).
+
+Both parse either timestamp format (Laravel's microseconds, Rails' milliseconds) into aware
+UTC datetimes and ignore fields they do not know, so a newer server does not break us.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+API_STATUSES = ("pending", "processing", "completed", "cancelled")
+OMS_STATES = ("to_execute", "in_progress", "done", "canceled")
+
+
+def _aware(v: datetime) -> datetime:
+    return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+
+
+def iso(dt: datetime) -> str:
+    """Timestamps as we send and store them: UTC, microseconds, `Z`."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return _aware(datetime.fromisoformat(text.replace("Z", "+00:00")))
+
+
+class ApiOrder(BaseModel):
+    """An order in HMS-API."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: int
+    title: str
+    user_id: int
+    status: str
+    items: list[Any] = Field(default_factory=list)
+    oms_order_code: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime
+
+    @field_validator("created_at", "updated_at")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return None if v is None else _aware(v)
+
+
+class OmsOrder(BaseModel):
+    """An order in HMS-OMS. `code` is opaque: never parse it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    code: str
+    ext_code: str | None = None
+    order_type_code: str | None = None
+    state: str
+    user_id: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime
+
+    @field_validator("created_at", "updated_at")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return None if v is None else _aware(v)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_may_be_null(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    def is_ours(self, order_type_code: str) -> bool:
+        """Contract section 0: our order type and a non-empty ext_code."""
+        return self.order_type_code == order_type_code and bool(self.ext_code)
