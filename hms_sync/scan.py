@@ -34,26 +34,31 @@ API, OMS = "HMS-API", "HMS-OMS"
 API_PAGE = 500
 
 
-async def poll_api(engine: Engine) -> int:
-    """Enqueue API orders changed since the cursor. Returns how many were enqueued."""
+async def poll_api(engine: Engine, *, full: bool = False) -> int:
+    """Enqueue API orders changed since the cursor. Returns how many were enqueued.
+
+    `full` walks from the beginning without moving the cursor (the periodic safety net).
+    """
     store = engine.store
     enqueued = 0
     async for page in engine.api.iter_pages(
-        updated_since=store.get_cursor(API), per_page=API_PAGE
+        updated_since=None if full else store.get_cursor(API), per_page=API_PAGE
     ):
         links = store.get_links(o.id for o in page)
         changed = [o.id for o in page if _api_changed(o, links.get(o.id))]
-        enqueued += store.advance(API, page[-1].updated_at, changed, f"poll {API}")
+        position = None if full else page[-1].updated_at
+        enqueued += store.advance(API, position, changed, f"poll {API}")
     engine.metrics.last_poll.labels(API).set(time.time())
     return enqueued
 
 
-async def poll_oms(engine: Engine) -> int:
+async def poll_oms(engine: Engine, *, full: bool = False) -> int:
     """Enqueue the API ids of our OMS orders changed since the cursor."""
     store = engine.store
     enqueued = 0
     async for page in engine.oms.iter_pages(
-        updated_since=store.get_cursor(OMS), order_type_code=engine.mapper.order_type_code
+        updated_since=None if full else store.get_cursor(OMS),
+        order_type_code=engine.mapper.order_type_code,
     ):
         ids = {o.code: engine.mapper.api_id_for(o.ext_code) for o in page}
         links = store.get_links(i for i in ids.values() if i is not None)
@@ -64,7 +69,8 @@ async def poll_oms(engine: Engine) -> int:
                 continue
             if _oms_changed(o, links.get(api_id)):
                 changed.append(api_id)
-        enqueued += store.advance(OMS, page[-1].updated_at, changed, f"poll {OMS}")
+        position = None if full else page[-1].updated_at
+        enqueued += store.advance(OMS, position, changed, f"poll {OMS}")
     engine.metrics.last_poll.labels(OMS).set(time.time())
     return enqueued
 

@@ -451,6 +451,15 @@ class Store:
             )
         return dead
 
+    def postpone(self, item: WorkItem, delay: float, *, error: str | None = None) -> None:
+        """Try again after `delay` without spending an attempt (the order is not at fault)."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE queue SET next_attempt_at = ?, last_error = coalesce(?, last_error) "
+                "WHERE api_id = ?",
+                (time.time() + delay, error, item.api_id),
+            )
+
     def requeue_dead(self, api_ids: Iterable[int] | None = None) -> int:
         """Give dead items (all, or these) a fresh start; their error keys are cleared so
         that a permanent failure is tried again too."""
