@@ -27,7 +27,7 @@ from rich.text import Text
 from .sandbox.server import Sandbox, SandboxConfig
 
 STEP_TIMEOUT = 30.0
-TIMING_KEYS = ("linked", "started", "done", "api->oms")
+TIMING_KEYS = ("linked", "started", "done", "changed")
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Demo:
     def render(self) -> Group:
         table = Table(title="hms-sync demo: HMS-API <-> HMS-OMS (timings in ms)",
                       box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in ("API id", "status", "OMS code", "state"):
+        for col in ("API", "status", "OMS", "state"):
             table.add_column(col, no_wrap=True)
         for key in TIMING_KEYS:
             table.add_column(key, justify="right", no_wrap=True)
@@ -92,18 +92,19 @@ class Demo:
         return Group(table, *lines)
 
     def step(self, live: Live, name: str, key: str, act: Callable[[], None],
-             done: Callable[[Row], bool]) -> bool:
+             done: Callable[[Row], bool], rows: list[Row] | None = None) -> bool:
         self.steps.append((name, None))
         started = time.monotonic()
         act()
         deadline = started + STEP_TIMEOUT
         while time.monotonic() < deadline:
             self.refresh()
-            for row in self.rows:
+            watched = self.rows if rows is None else rows
+            for row in watched:
                 if key not in row.timings and done(row):
                     row.timings[key] = time.monotonic() - started
             live.update(self.render())
-            if all(key in r.timings for r in self.rows):
+            if all(key in r.timings for r in watched):
                 self.steps[-1] = (name, time.monotonic() - started)
                 live.update(self.render())
                 return True
@@ -142,12 +143,12 @@ class Demo:
                 self.rows.append(extra[0])
 
             if not self.step(live, "a new order reaches HMS-OMS", "linked", api_change,
-                             lambda r: bool(r.oms_code)):
+                             lambda r: bool(r.oms_code), rows=extra):
                 return False
             return self.step(
-                live, "an HMS-API status change (processing) reaches HMS-OMS", "api->oms",
+                live, "an HMS-API status change (processing) reaches HMS-OMS", "changed",
                 lambda: self._api_status(extra[0].api_id, "processing"),
-                lambda r: r is not extra[0] or r.oms_state == "in_progress",
+                lambda r: r.oms_state == "in_progress", rows=extra,
             )
 
     def _api_status(self, api_id: int, status: str) -> None:
