@@ -46,7 +46,8 @@ MAX_PER_PAGE = 500
 
 class ApiOrder:
     __slots__ = (
-        "id", "title", "user_id", "status", "items", "oms_order_code", "created_us", "updated_us"
+        "id", "title", "user_id", "status", "items", "oms_order_code", "created_us", "updated_us",
+        "created_at", "updated_at",
     )
 
     def __init__(self, order_id: int, title: str, user_id: int, items: list[Any], now: int):
@@ -57,7 +58,13 @@ class ApiOrder:
         self.items = items
         self.oms_order_code: str | None = None
         self.created_us = now
+        self.created_at = format_micros(now)
+        self.touch(now)
+
+    def touch(self, now: int) -> None:
+        """Set ``updated_at``; the string is formatted once here, not on every read."""
         self.updated_us = now
+        self.updated_at = format_micros(now)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,8 +74,8 @@ class ApiOrder:
             "status": self.status,
             "items": self.items,
             "oms_order_code": self.oms_order_code,
-            "created_at": format_micros(self.created_us),
-            "updated_at": format_micros(self.updated_us),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
         }
 
 
@@ -198,7 +205,7 @@ class ApiState(SystemState):
             setattr(order, name, body[name])
         now = self.clock.now_us()
         self.index.move(order.updated_us, now, order.id)
-        order.updated_us = now
+        order.touch(now)
         self.webhooks.emit(order.id, "order.updated", order.to_json(), format_micros(now))
         return order
 

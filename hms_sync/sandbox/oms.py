@@ -60,7 +60,7 @@ def transition_allowed(old: str, new: str) -> bool:
 class OmsOrder:
     __slots__ = (
         "code", "ext_code", "order_type_code", "state", "user_id", "data",
-        "created_us", "updated_us",
+        "created_us", "updated_us", "created_at", "updated_at",
     )
 
     def __init__(self, code: str, fields: dict[str, Any], now: int) -> None:
@@ -71,7 +71,13 @@ class OmsOrder:
         self.user_id: int = fields["user_id"]
         self.data: dict[str, Any] = dict(fields.get("data") or {})
         self.created_us = now
+        self.created_at = format_millis(now)
+        self.touch(now)
+
+    def touch(self, now: int) -> None:
+        """Set ``updated_at``; the string is formatted once here, not on every read."""
         self.updated_us = now
+        self.updated_at = format_millis(now)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,8 +87,8 @@ class OmsOrder:
             "state": self.state,
             "user_id": self.user_id,
             "data": self.data,
-            "created_at": format_millis(self.created_us),
-            "updated_at": format_millis(self.updated_us),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
         }
 
 
@@ -240,7 +246,7 @@ class OmsState(SystemState):
         now = self._now()
         self.index.move(order.updated_us, now, code)
         self.by_type[order.order_type_code].move(order.updated_us, now, code)
-        order.updated_us = now
+        order.touch(now)
         fulfilled = order.state == "done" and old_state != "done"
         event = "order.fulfilled" if fulfilled else "order.status_changed"
         self.webhooks.emit(code, event, order.to_json(), format_millis(now))

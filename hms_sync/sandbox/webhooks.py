@@ -202,7 +202,9 @@ class WebhookSender:
 
     async def stop(self) -> None:
         """Cancel deliveries in flight (they are dropped) and close the HTTP client."""
+        tasks = list(self._workers.values())
         dropped = self.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if dropped:
             logger.info("%s webhooks: dropped %d undelivered on shutdown", self.name, dropped)
         if self._client is not None:
