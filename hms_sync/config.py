@@ -250,6 +250,12 @@ def load_settings(
     unknown = set(flags) - set(_BY_FIELD)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    # pydantic-settings merges dict values across sources key by key; a table given by a
+    # higher layer must replace the lower one whole, so settle those here.
+    for name in ("status_map", "user_map"):
+        if name in toml_values:
+            value = toml_values.pop(name)
+            flags.setdefault(name, value)
 
     settings_type = type("BoundSettings", (Settings,), {"layered": (env, toml_values)})
     try:

@@ -447,12 +447,6 @@ def test_status_map_may_override_a_seed_pair_one_to_one(toml_file):
     assert got.effective_status_map["pending"] == "to_execute"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG config.py:162-175 (settings_customise_sources; pydantic-settings deep_update): a "
-    "dict setting given as a flag is merged key by key with the TOML table instead of "
-    "replacing it, so flag > TOML does not hold for status_map/user_map",
-)
 def test_flag_status_map_replaces_toml_status_map(toml_file):
     path = toml_file('[mapping.status]\ncancelled = "canceled"\n')
     got = load_settings(

@@ -29,6 +29,7 @@ class ApiClient(JsonClient):
         super().__init__(
             base_url,
             {"Authorization": f"Bearer {token}"},
+            secret=token,
             options=options,
             transport=transport,
             **kw,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,9 +62,11 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # 'inf' and 'nan' parse as floats but are no answer
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -81,6 +84,7 @@ class JsonClient:
         base_url: str,
         headers: Mapping[str, str],
         *,
+        secret: str = "",
         options: HttpOptions | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         on_request: Callable[[str, str, int | None], None] | None = None,
@@ -98,6 +102,8 @@ class JsonClient:
             transport=transport,
         )
         self._host = httpx.URL(base_url).host
+        # Server text goes into our errors; a server echoing our credential must not leak it.
+        self._secret = secret
         self._breaker: Unauthorized | None = None
         self._on_request = on_request
         self.requests_sent = 0
@@ -132,13 +138,25 @@ class JsonClient:
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, RateLimited) and exc.retry_after is not None:
-                return min(exc.retry_after, o.deadline)
+                return exc.retry_after
             return backoff(state)
 
-        backoff = wait_exponential_jitter(initial=o.backoff_initial, max=o.backoff_max)
+        def stop(state: RetryCallState) -> bool:
+            # Never retry before the server allows: give up instead, and let the queue's
+            # per-order backoff (which honours Retry-After too) take over.
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, RateLimited) and exc.retry_after is not None:
+                if (state.seconds_since_start or 0.0) + exc.retry_after > o.deadline:
+                    return True
+            return bool(limits(state))
+
+        backoff = wait_exponential_jitter(
+            multiplier=o.backoff_initial, max=o.backoff_max, jitter=o.backoff_initial
+        )
+        limits = stop_after_delay(o.deadline) | stop_after_attempt(o.max_attempts)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((RateLimited, ServerError, NetworkError)),
-            stop=stop_after_delay(o.deadline) | stop_after_attempt(o.max_attempts),
+            stop=stop,
             wait=wait,
             reraise=True,
             before_sleep=lambda s: log.debug(
@@ -186,7 +204,7 @@ class JsonClient:
         if 300 <= code < 400:
             where = httpx.URL(resp.headers.get("location", "")).host or "the same host"
             raise BadResponse(f"unexpected redirect {code} to {where}", status_code=code, **ctx)
-        message = _error_message(body)
+        message = self._redact(_error_message(body))
         if code == 401:
             self._breaker = Unauthorized(
                 "credential rejected (401); calls to this system are stopped until restart",
@@ -198,7 +216,9 @@ class JsonClient:
         if code == 404:
             raise NotFound(message or "not found", status_code=code, **ctx)
         if code == 422:
-            errors = _field_errors(body)
+            errors = {
+                f: [self._redact(m) for m in msgs] for f, msgs in _field_errors(body).items()
+            }
             raise ValidationFailed(
                 message or _summarise(errors), errors=errors, status_code=code, **ctx
             )
@@ -212,6 +232,10 @@ class JsonClient:
         if code >= 500:
             raise ServerError(f"server error {code}", status_code=code, **ctx)
         raise PermanentError(f"unexpected status {code}: {message}", status_code=code, **ctx)
+
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
 
 
 class _TooLarge(Exception):

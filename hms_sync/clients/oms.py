@@ -32,6 +32,7 @@ class OmsClient(JsonClient):
         super().__init__(
             base_url,
             {"Authorization": f'Token token="{api_key}"'},
+            secret=api_key,
             options=options,
             transport=transport,
             **kw,
@@ -120,29 +121,34 @@ class OmsClient(JsonClient):
         rest shift forward, so page 2 can skip one). Instead of turning pages we seek: ask
         for page 1 again with `updated_since` set to the last timestamp seen, dropping the
         rows at that timestamp we already gave. Only when a whole page shares one timestamp
-        do we step to the next page number within it.
+        do we step to the next page number within it; since that stepping can drift too,
+        such a group is walked again from its first page until a pass finds nothing new.
         """
         since = updated_since
         page = 1
-        given: set[str] = set()  # codes already yielded at timestamp `since`
+        given: set[tuple[str, datetime]] = set()  # (code, updated_at) yielded since `since`
+        stepped = new_in_group = False
         while True:
             rows, next_page = await self.list_page(
                 updated_since=since, order_type_code=order_type_code, page=page,
                 per_page=per_page,
             )
-            fresh = [o for o in rows if not (o.updated_at == since and o.code in given)]
+            fresh = [o for o in rows if (o.code, o.updated_at) not in given]
             if fresh:
+                given.update((o.code, o.updated_at) for o in fresh)
+                new_in_group = new_in_group or any(o.updated_at == since for o in fresh)
                 yield fresh
-            if next_page is None or not rows:
+            last = rows[-1].updated_at if rows else None
+            if next_page is not None and last is not None and last == since:
+                page, stepped = page + 1, True  # a whole page at one timestamp
+                continue
+            if stepped and new_in_group:
+                page, new_in_group = 1, False  # walk the group again: did anything shift?
+                continue
+            if next_page is None or last is None:
                 return
-            last = rows[-1].updated_at
-            if last == since:
-                given.update(o.code for o in rows)
-                page += 1
-            else:
-                since = last
-                given = {o.code for o in rows if o.updated_at == last}
-                page = 1
+            since, page, stepped, new_in_group = last, 1, False, False
+            given = {(o.code, o.updated_at) for o in rows if o.updated_at == last}
 
     async def ping(self) -> None:
         await self.list_page(per_page=1)
