@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -102,13 +103,23 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def serve(self) -> int:
-        from .receiver import create_app, sources_from_settings
-
         s = self.settings
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
 
+        # Bound before anything else, so a port in use is a configuration error (exit 2)
+        # reported before any request is sent, not uvicorn's sys.exit deep in the loop.
+        sock = _listen_socket(s.host, s.port)
+        try:
+            return await self._serve(sock)
+        finally:
+            sock.close()
+
+    async def _serve(self, sock: socket.socket) -> int:
+        from .receiver import create_app, sources_from_settings
+
+        s = self.settings
         async with runtime(s, self.store) as rt:
             rt.engine.metrics = self.metrics
             self.engine = rt.engine
@@ -129,7 +140,7 @@ class Daemon:
                 app, host=s.host, port=s.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=5, lifespan="off",
             ))
-            server_task = asyncio.create_task(server.serve(), name="receiver")
+            server_task = asyncio.create_task(server.serve(sockets=[sock]), name="receiver")
             self._start_scheduler()
             dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
             log.info("[hms-sync] running: receiver on http://%s:%s, polling every %ss",
@@ -342,6 +353,21 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """The receiver's listening socket, bound now; ConfigError names the setting."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"{setting_name('port')}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    return sock
 
 
 def _utcnow() -> datetime:
