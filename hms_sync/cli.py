@@ -298,7 +298,7 @@ def sandbox_cmd(
     Prints their URLs and credentials as `export` lines to paste into another shell.
     """
     from .sandbox.common import Faults
-    from .sandbox.server import SandboxConfig, run_foreground
+    from .sandbox.server import SandboxConfig, describe, run_foreground
 
     cfg = SandboxConfig(
         host=host, api_port=api_port, oms_port=oms_port,
@@ -309,9 +309,10 @@ def sandbox_cmd(
         cfg.api_webhook_url = f"{base}/webhooks/hms-api"
         cfg.oms_webhook_url = f"{base}/webhooks/oms"
     try:
-        run_foreground(cfg)
+        code = run_foreground(cfg, announce=lambda sb: out.print(describe(sb)))
     except OSError as exc:
         fail(f"cannot start the sandbox: {exc.strerror or exc}", 2)
+    raise typer.Exit(code)
 
 
 @app.command("demo")
