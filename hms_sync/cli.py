@@ -183,7 +183,8 @@ def import_cmd(
 
     async def go() -> Any:
         async with runtime(settings, store) as rt:
-            return await rt.engine.reconcile(order_id)
+            # An operator asking for this order means "try again", even after a failure.
+            return await rt.engine.reconcile(order_id, force=True)
 
     try:
         result = _run(go())

@@ -120,7 +120,7 @@ class Daemon:
         from .receiver import create_app, sources_from_settings
 
         s = self.settings
-        async with runtime(s, self.store) as rt:
+        async with runtime(s, self.store, lock_wait=0.0) as rt:
             rt.engine.metrics = self.metrics
             self.engine = rt.engine
             await self._check_systems(rt.engine)

@@ -70,6 +70,7 @@ class Engine:
         *,
         policy: Policy = "oms",
         metrics: Metrics | None = None,
+        lock_wait: float = 0.0,
     ) -> None:
         self.api = api
         self.oms = oms
@@ -77,6 +78,8 @@ class Engine:
         self.mapper = mapper
         self.policy = policy
         self.metrics = metrics or Metrics()
+        # How long to wait for another process's lock on an order before raising Busy.
+        self.lock_wait = lock_wait
         self._local: dict[int, asyncio.Lock] = {}
         self._users: dict[int, int] = {}
 
@@ -90,11 +93,13 @@ class Engine:
         oms: OmsOrder | None = None,
         oms_known: bool = False,
         dry_run: bool = False,
+        force: bool = False,
     ) -> Result:
         """Make both systems agree about API order `api_id`.
 
         `api`/`oms` may carry orders already read (sync-all reads them by the page);
         `oms_known=True` says `oms` is the whole truth (None: no OMS order exists).
+        `force` tries again even an order whose last permanent failure nothing has changed.
         Permanent failures are recorded on the link and returned as outcome "error";
         transient ones raise TransientError for the caller to retry later.
         """
@@ -105,12 +110,13 @@ class Engine:
         try:
             async with lock:
                 if dry_run:
-                    return await self._reconcile(api_id, api, oms, oms_known, dry_run=True)
+                    return await self._reconcile(api_id, api, oms, oms_known, True, force)
                 if not self.store.try_lock(api_id):
-                    raise Busy("order is being synced by another process", system="hms-sync")
+                    await self._wait_for_lock(api_id)
+                    api, oms, oms_known = None, None, False  # read before waiting: stale
                 started = time.perf_counter()
                 try:
-                    result = await self._reconcile(api_id, api, oms, oms_known, dry_run=False)
+                    result = await self._reconcile(api_id, api, oms, oms_known, False, force)
                 finally:
                     self.store.unlock(api_id)
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
@@ -121,14 +127,23 @@ class Engine:
             if not self._users[api_id]:
                 del self._users[api_id], self._local[api_id]
 
+    async def _wait_for_lock(self, api_id: int) -> None:
+        """Another process holds the order: wait for it (up to `lock_wait`), or raise Busy."""
+        deadline = time.monotonic() + self.lock_wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            if self.store.try_lock(api_id):
+                return
+        raise Busy("order is being synced by another process", system="hms-sync")
+
     async def _reconcile(
         self,
         api_id: int,
         api: ApiOrder | None,
         oms: OmsOrder | None,
         oms_known: bool,
-        *,
         dry_run: bool,
+        force: bool,
     ) -> Result:
         link = self.store.get_link(api_id)
         if api is None:
@@ -140,7 +155,8 @@ class Engine:
             oms = await self._locate(api, link)
 
         if (
-            link is not None
+            not force
+            and link is not None
             and link.sync_state == "error"
             and link.error_key == _error_key(api, oms)
         ):

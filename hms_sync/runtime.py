@@ -46,8 +46,14 @@ class Runtime:
 
 
 @asynccontextmanager
-async def runtime(settings: Settings, store: Store | None = None) -> AsyncIterator[Runtime]:
-    """Clients, store and engine for `settings`; everything is closed on exit."""
+async def runtime(
+    settings: Settings, store: Store | None = None, *, lock_wait: float = 30.0
+) -> AsyncIterator[Runtime]:
+    """Clients, store and engine for `settings`; everything is closed on exit.
+
+    `lock_wait`: how long a reconcile waits for an order another process is syncing (the
+    CLI waits; the daemon passes 0 and retries the order later instead).
+    """
     assert settings.hms_api_token is not None and settings.oms_api_key is not None
     own_store = store is None
     store = store or open_store(settings)
@@ -56,7 +62,8 @@ async def runtime(settings: Settings, store: Store | None = None) -> AsyncIterat
     api = ApiClient(settings.hms_api_url, settings.hms_api_token.get_secret_value(), options=opts)
     oms = OmsClient(settings.oms_api_url, settings.oms_api_key.get_secret_value(), options=opts)
     engine = Engine(
-        api, oms, store, mapper_for(settings), policy=settings.conflict_policy, metrics=metrics
+        api, oms, store, mapper_for(settings), policy=settings.conflict_policy, metrics=metrics,
+        lock_wait=lock_wait,
     )
     try:
         yield Runtime(settings, store, engine, metrics)
