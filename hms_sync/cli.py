@@ -55,7 +55,10 @@ def settings_for(
 ) -> Settings:
     from .config import load_settings
     from .errors import ConfigError
+    from .logs import configure_logging
 
+    # The commands report results themselves; log only what they cannot.
+    configure_logging("ERROR")
     try:
         return load_settings(
             config_file=config, overrides=flags, require_credentials=credentials

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -97,19 +98,32 @@ def status_doc(store: Store, *, errors_only: bool, limit: int) -> dict[str, Any]
     }
 
 
+def _short_time(stamp: str | None) -> str:
+    """'2026-12-04T20:20:33.051868Z' -> '2026-12-04 20:20:33'."""
+    return stamp[:19].replace("T", " ") if stamp else "-"
+
+
 def print_status(console: Console, doc: dict[str, Any]) -> None:
-    table = Table(title="links")
-    for col in ("API id", "OMS code", "API status", "OMS state", "sync", "last error",
-                "last sync"):
-        table.add_column(col, overflow="fold")
+    table = Table(title="links", box=box.SIMPLE_HEAD, pad_edge=False)
+    wide = console.width >= 140  # else errors are listed under the table, unabridged
+    for col in ("API id", "OMS code", "API status", "OMS state", "sync", "last sync (UTC)"):
+        table.add_column(col, no_wrap=True)
+    if wide:
+        table.add_column("last error", overflow="fold", ratio=1)
     for row in doc["links"]:
         style = STATE_STYLE.get(row["sync_state"], "")
-        table.add_row(
+        cells = [
             str(row["api_id"]), row["oms_code"] or "-", row["api_status"] or "-",
             row["oms_state"] or "-", f"[{style}]{row['sync_state']}[/{style}]",
-            row["last_error"] or "", row["last_sync_at"] or "-",
-        )
+            _short_time(row["last_sync_at"]),
+        ]
+        table.add_row(*cells, *([row["last_error"] or ""] if wide else []))
     console.print(table)
+    if not wide:
+        for row in doc["links"]:
+            if row["last_error"]:
+                console.print(f"[red]error[/red] API order {row['api_id']}: "
+                              f"{row['last_error']}", markup=True)
     c, q = doc["counts"], doc["queue"]
     console.print(
         f"links: {c['ok']} ok, {c['pending']} pending, {c['error']} in error; "
