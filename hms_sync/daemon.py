@@ -21,7 +21,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from .logs import configure_logging
 from .metrics import Metrics
 from .runtime import runtime
 from .scan import API, OMS, poll_api, poll_oms
+from .serving import QuietServer
 from .store import Store, WorkItem
 
 log = logging.getLogger("hms_sync.daemon")
@@ -136,7 +137,7 @@ class Daemon:
                 wake=self.wake,
                 health=self.health,
             )
-            server = _Server(uvicorn.Config(
+            server = QuietServer(uvicorn.Config(
                 app, host=s.host, port=s.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=5, lifespan="off",
             ))
@@ -345,14 +346,6 @@ class Daemon:
                     ok = False
                     details.setdefault("credentials", []).append(f"{client.system} rejected")
         return ok, details
-
-
-class _Server(uvicorn.Server):
-    """uvicorn.Server that leaves signals to us (uvicorn >= 0.29 captures them itself)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:

@@ -28,10 +28,19 @@ def parse_iso(text: str) -> datetime:
     return _aware(datetime.fromisoformat(text.replace("Z", "+00:00")))
 
 
-class ApiOrder(BaseModel):
-    """An order in HMS-API."""
+class _Resource(BaseModel):
+    """Tolerant of unknown fields; timestamps made aware UTC whatever the server sent."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+    @field_validator("created_at", "updated_at", check_fields=False)
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return None if v is None else _aware(v)
+
+
+class ApiOrder(_Resource):
+    """An order in HMS-API."""
 
     id: int
     title: str
@@ -42,16 +51,10 @@ class ApiOrder(BaseModel):
     created_at: datetime | None = None
     updated_at: datetime
 
-    @field_validator("created_at", "updated_at")
-    @classmethod
-    def _utc(cls, v: datetime | None) -> datetime | None:
-        return None if v is None else _aware(v)
 
 
-class OmsOrder(BaseModel):
+class OmsOrder(_Resource):
     """An order in HMS-OMS. `code` is opaque: never parse it."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
     code: str
     ext_code: str | None = None
@@ -62,10 +65,6 @@ class OmsOrder(BaseModel):
     created_at: datetime | None = None
     updated_at: datetime
 
-    @field_validator("created_at", "updated_at")
-    @classmethod
-    def _utc(cls, v: datetime | None) -> datetime | None:
-        return None if v is None else _aware(v)
 
     @field_validator("data", mode="before")
     @classmethod

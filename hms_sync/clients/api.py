@@ -7,15 +7,16 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
 
 from ..errors import BadResponse
 from ..models import ApiOrder, iso
 from .base import HttpOptions, JsonClient, expect
 
 
-class ApiClient(JsonClient):
+class ApiClient(JsonClient[ApiOrder]):
     system = "HMS-API"
+    model = ApiOrder
+    envelope = "data"
 
     def __init__(
         self,
@@ -35,20 +36,7 @@ class ApiClient(JsonClient):
             **kw,
         )
 
-    def _order(self, doc: Any, method: str, path: str) -> ApiOrder:
-        raw = expect(doc, "data", dict, {"system": self.system, "method": method, "path": path})
-        return self._parse(raw, method, path)
 
-    def _parse(self, raw: Any, method: str, path: str) -> ApiOrder:
-        try:
-            return ApiOrder.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise BadResponse(
-                f"order has a bad or missing field {field!r}",
-                system=self.system, method=method, path=path,
-            ) from None
 
     async def get_order(self, order_id: int) -> ApiOrder:
         path = f"/api/orders/{int(order_id)}"

@@ -16,9 +16,10 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -41,6 +42,8 @@ from ..errors import (
 )
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a page larger than this is not an answer we trust
 
@@ -74,10 +77,12 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class JsonClient:
-    """A JSON-over-HTTP client for one system."""
+class JsonClient(Generic[M]):
+    """A JSON-over-HTTP client for one system, whose orders parse as `model`."""
 
     system = "?"
+    model: type[M]
+    envelope = ""  # the key a single order comes wrapped in
 
     def __init__(
         self,
@@ -233,6 +238,22 @@ class JsonClient:
             raise ServerError(f"server error {code}", status_code=code, **ctx)
         raise PermanentError(f"unexpected status {code}: {message}", status_code=code, **ctx)
 
+
+    def _order(self, doc: Any, method: str, path: str) -> M:
+        ctx = {"system": self.system, "method": method, "path": path}
+        return self._parse(expect(doc, self.envelope, dict, ctx), method, path)
+
+    def _parse(self, raw: Any, method: str, path: str) -> M:
+        """One order from an answer; BadResponse names the first bad or missing field."""
+        try:
+            return self.model.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise BadResponse(
+                f"order has a bad or missing field {field!r}",
+                system=self.system, method=method, path=path,
+            ) from None
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text

@@ -8,7 +8,6 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from pydantic import ValidationError
 
 from ..errors import BadResponse
 from ..models import OmsOrder, iso
@@ -17,8 +16,10 @@ from .base import HttpOptions, JsonClient, expect
 MAX_PER_PAGE = 200  # HMS-OMS silently caps per_page here
 
 
-class OmsClient(JsonClient):
+class OmsClient(JsonClient[OmsOrder]):
     system = "HMS-OMS"
+    model = OmsOrder
+    envelope = "order"
 
     def __init__(
         self,
@@ -38,20 +39,7 @@ class OmsClient(JsonClient):
             **kw,
         )
 
-    def _parse(self, raw: Any, method: str, path: str) -> OmsOrder:
-        try:
-            return OmsOrder.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise BadResponse(
-                f"order has a bad or missing field {field!r}",
-                system=self.system, method=method, path=path,
-            ) from None
 
-    def _order(self, doc: Any, method: str, path: str) -> OmsOrder:
-        raw = expect(doc, "order", dict, {"system": self.system, "method": method, "path": path})
-        return self._parse(raw, method, path)
 
     @staticmethod
     def _path(code: str) -> str:

@@ -13,13 +13,12 @@ still send webhooks (they stand for a customer or an OMS user).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any
@@ -31,6 +30,8 @@ from hms_sync.sandbox.api import ApiState, create_api_app
 from hms_sync.sandbox.common import Faults
 from hms_sync.sandbox.oms import OmsState, create_oms_app
 from hms_sync.sandbox.webhooks import WebhookSender
+
+from ..serving import QuietServer
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,6 @@ class SandboxError(Exception):
         self.body = body
 
 
-class _Server(uvicorn.Server):
-    """uvicorn server that leaves signal handling to its owner."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets (no 40 ms stalls)
@@ -102,7 +95,7 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.api_url = ""
         self.oms_url = ""
-        self._servers: list[_Server] = []
+        self._servers: list[QuietServer] = []
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._http: httpx.Client | None = None
@@ -132,7 +125,7 @@ class Sandbox:
         self.api_url = _url(cfg.host, sockets[0].getsockname()[1])
         self.oms_url = _url(cfg.host, sockets[1].getsockname()[1])
         self._servers = [
-            _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+            QuietServer(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                    ws="none", timeout_graceful_shutdown=2, backlog=2048))
             for app in (create_api_app(api), create_oms_app(oms))
         ]
