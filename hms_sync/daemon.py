@@ -70,6 +70,8 @@ def check_startup(settings: Settings) -> None:
 
 def run_daemon(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT. Returns the exit code (0 clean stop, 2 bad config)."""
+    from rich.markup import escape
+
     from .cli import err
 
     configure_logging(settings.log_level, settings.log_format)
@@ -77,12 +79,12 @@ def run_daemon(settings: Settings) -> int:
         check_startup(settings)
         store = Store(settings.db)
     except (ConfigError, StoreError) as exc:
-        err.print(f"[red]error:[/red] configuration: {exc}", markup=True)
+        err.print(f"[red]error:[/red] configuration: {escape(str(exc))}", markup=True)
         return 2
     try:
         return asyncio.run(Daemon(settings, store).serve())
     except (ConfigError, Unauthorized) as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
         return 2
     finally:
         store.close()
