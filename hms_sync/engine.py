@@ -39,6 +39,8 @@ from .store import Link, Store, Write, now_iso
 
 log = logging.getLogger("hms_sync.integration")
 
+MAX_ROUNDS = 3  # plans carried out per reconcile while the orders change under us
+
 Outcome = Literal["created", "updated", "unchanged", "error", "missing"]
 
 
@@ -151,8 +153,15 @@ class Engine:
                 api = await self.api.get_order(api_id)
             except NotFound:
                 return self._api_missing(api_id, link, dry_run)
+        if oms_known and oms is None and link is not None and link.oms_code:
+            # The caller's snapshot predates a link made since (sync-all meets an order
+            # again after our own write-back moved it): trusting it would create again.
+            oms_known = False
         if not oms_known:
-            oms = await self._locate(api, link)
+            try:
+                oms = await self._locate(api, link)
+            except OrderError as exc:  # several candidates: permanent, recorded, no guess
+                return self._permanent(api, None, link, exc, dry_run)
 
         if (
             not force
@@ -250,30 +259,44 @@ class Engine:
             return Result(api.id, "updated" if plan.writes else "unchanged", oms.code,
                           writes=plan.describe())
         writes: list[Write] = []
+        described: list[str] = []
+        agreed = Synced(api.status, oms.state)
         try:
-            if plan.oms_patch:
-                oms = await self.oms.update_order(oms.code, plan.oms_patch)
-                self._wrote("HMS-OMS", "update")
-                writes.append(
-                    Write("HMS-OMS", api.id, oms.code, "update", plan.oms_patch, plan.why)
-                )
-                if plan.status_from == "api" or "data" in plan.oms_patch:
-                    self._propagated("api_to_oms", api.updated_at)
-            if plan.api_patch:
-                api = await self._write_api(api, plan, writes)
-                if plan.status_from == "oms":
-                    self._propagated("oms_to_api", oms.updated_at)
+            for _ in range(MAX_ROUNDS):
+                if not plan.writes:
+                    agreed = Synced(api.status, oms.state)
+                    break
+                # The pair both sides hold once this plan is carried out.
+                agreed = Synced(plan.api_patch.get("status", api.status),
+                                plan.oms_patch.get("state", oms.state))
+                if plan.oms_patch:
+                    oms = await self.oms.update_order(oms.code, plan.oms_patch)
+                    self._wrote("HMS-OMS", "update")
+                    writes.append(
+                        Write("HMS-OMS", api.id, oms.code, "update", plan.oms_patch, plan.why)
+                    )
+                    if plan.status_from == "api" or "data" in plan.oms_patch:
+                        self._propagated("api_to_oms", api.updated_at)
+                if plan.api_patch:
+                    api = await self._write_api(api, plan, writes)
+                    if plan.status_from == "oms":
+                        self._propagated("oms_to_api", oms.updated_at)
+                described += plan.describe()
+                log.info("[hms-sync] API order %s / OMS order %s: %s (%s)", api.id, oms.code,
+                         "; ".join(plan.describe()), plan.why)
+                # A write answers with the order as it is now. If someone changed it after we
+                # read it, plan again from there: recording their change as synced would
+                # lose it (no poll sees it as new) or, worse, revert it later.
+                plan = plan_update(api, oms, agreed, self.mapper, self.policy)
         except BaseException:
             if writes:  # the audit log keeps every write that happened, even half a plan
                 self.store.record_writes(writes)
             raise
-        done = _link_from(api, oms, link, Synced(api.status, oms.state), "ok")
+        # Still changing under us after MAX_ROUNDS: "pending" makes the next poll look again.
+        state = "ok" if not plan.writes else "pending"
+        done = _link_from(api, oms, link, agreed, state)
         self.store.save_link(done, writes)
-        if writes:
-            log.info("[hms-sync] API order %s / OMS order %s: %s (%s)", api.id, oms.code,
-                     "; ".join(plan.describe()), plan.why)
-        return Result(api.id, "updated" if writes else "unchanged", oms.code,
-                      writes=plan.describe())
+        return Result(api.id, "updated" if writes else "unchanged", oms.code, writes=described)
 
     async def _write_api(self, api: ApiOrder, plan: Plan, writes: list[Write]) -> ApiOrder:
         try:
