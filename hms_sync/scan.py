@@ -131,6 +131,7 @@ class _OmsSpool:
     def __init__(self) -> None:
         self._db = sqlite3.connect("", check_same_thread=False)  # "" = temp file on disk
         self._db.execute("CREATE TABLE o (ext TEXT, code TEXT, doc TEXT, seen INTEGER DEFAULT 0)")
+        self._db.execute("CREATE TABLE met (id INTEGER PRIMARY KEY)")
         self.count = 0
 
     def add(self, orders: list[OmsOrder]) -> None:
@@ -151,6 +152,14 @@ class _OmsSpool:
             out.setdefault(ext, []).append(OmsOrder.model_validate(json.loads(doc)))
         self._db.execute(f"UPDATE o SET seen = 1 WHERE ext IN ({marks})", ext_codes)
         return out
+
+    def meet(self, api_ids: list[int]) -> set[int]:
+        """Record the API ids the walk met; return those it had met before."""
+        marks = ",".join("?" * len(api_ids))
+        rows = self._db.execute(f"SELECT id FROM met WHERE id IN ({marks})", api_ids)
+        before = {r[0] for r in rows}
+        self._db.executemany("INSERT OR IGNORE INTO met (id) VALUES (?)", [(i,) for i in api_ids])
+        return before
 
     def unseen_ext_codes(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT ext FROM o WHERE seen = 0")]
@@ -196,13 +205,34 @@ async def sync_all(
         if progress:
             progress(result)
 
+    inflight: dict[int, asyncio.Task[None]] = {}
+
+    async def again(order: ApiOrder) -> None:
+        # The API walk is keyset-ordered by updated_at, so an order updated while we walk
+        # (usually by our own write-back) comes round again. Skip the version we synced.
+        earlier = inflight.get(order.id)
+        if earlier is not None:
+            await asyncio.wait([earlier])
+        link = engine.store.get_link(order.id)
+        if link is not None and link.api_updated_at is not None and (
+            order.updated_at <= link.api_updated_at
+        ):
+            return
+        await one(order.id)  # changed by someone else meanwhile: read both afresh
+
     async def launch(api_id: int, **kw: Any) -> None:
         # Bounded in flight: wait for a slot before reading further pages.
         while len(tasks) >= concurrency * 4:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.create_task(one(api_id, **kw))
+        met_again = kw.pop("met_again", None)
+        task = asyncio.create_task(again(met_again) if met_again else one(api_id, **kw))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        if met_again is None:
+            inflight[api_id] = task
+            task.add_done_callback(
+                lambda t: inflight.pop(api_id) if inflight.get(api_id) is t else None
+            )
 
     try:
         async for page in engine.oms.iter_pages(order_type_code=kind):
@@ -210,7 +240,11 @@ async def sync_all(
         spool.index()
         async for api_page in engine.api.iter_pages(per_page=API_PAGE):
             found = spool.take([engine.mapper.ext_code_for(o.id) for o in api_page])
+            met_before = spool.meet([o.id for o in api_page])
             for order in api_page:
+                if order.id in met_before:
+                    await launch(order.id, met_again=order)
+                    continue
                 matches = found.get(engine.mapper.ext_code_for(order.id), [])
                 if len(matches) > 1:
                     # Several candidates: let reconcile read fresh and refuse to guess.
