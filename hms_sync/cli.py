@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -46,7 +47,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", markup=True)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True)
     raise typer.Exit(code)
 
 
@@ -200,7 +201,8 @@ def import_cmd(
     if as_json:
         emit_json(doc)
     elif result.outcome in ("error", "missing"):
-        err.print(f"[red]error:[/red] API order {order_id}: {result.error}", markup=True)
+        err.print(f"[red]error:[/red] API order {order_id}: {escape(result.error or '')}",
+                  markup=True)
     else:
         writes = "; ".join(result.writes) or "nothing to write"
         out.print(f"API order {order_id} -> OMS order {result.oms_code}: {result.outcome} "
@@ -269,7 +271,9 @@ def check_cmd(config: ConfigOpt = None, db: DbOpt = None, as_json: JsonOpt = Fal
     """Check the configuration, the store and both systems' credentials, and say what was found.
 
     Exit 0 when all is well, 1 when a system cannot be reached or refuses us, 2 on bad
-    configuration.
+    configuration. Example:
+
+        hms-sync check --json
     """
     from .cli_views import print_check, run_checks
 
@@ -300,6 +304,9 @@ def sandbox_cmd(
     """Run reference HMS-API and HMS-OMS servers for trying hms-sync without real systems.
 
     Prints their URLs and credentials as `export` lines to paste into another shell.
+    Example:
+
+        hms-sync sandbox --webhook-url http://127.0.0.1:8080
     """
     from .sandbox.common import Faults
     from .sandbox.server import SandboxConfig, describe, run_foreground
@@ -326,7 +333,12 @@ def demo_cmd(
     ] = False,
     orders: Annotated[int, typer.Option(min=1, max=50, help="How many orders to place.")] = 5,
 ) -> None:
-    """Run the sandbox and the daemon together and play the seed's flows, live."""
+    """Run the sandbox and the daemon together and play the seed's flows, live.
+
+    Example:
+
+        hms-sync demo --orders 3 --keep-running
+    """
     from .demo import run_demo
 
     raise typer.Exit(run_demo(err, orders=orders, keep_running=keep_running))

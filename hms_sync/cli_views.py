@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -62,13 +63,16 @@ def print_summary(console: Console, summary: Summary, *, dry_run: bool) -> None:
         table.add_row(key, str(value))
     console.print(table)
     for plan in doc.get("planned", [])[:200]:
-        console.print(f"  would write, API order {plan['api_id']}: " + "; ".join(plan["writes"]))
+        console.print(f"  would write, API order {plan['api_id']}: "
+                      + escape("; ".join(plan["writes"])))
     for e in doc["errors"][:50]:
-        console.print(f"[red]error[/red] API order {e['api_id']}: {e['error']}", markup=True)
+        console.print(f"[red]error[/red] API order {e['api_id']}: {escape(str(e['error']))}",
+                      markup=True)
     if len(doc["errors"]) > 50:
         console.print(f"... and {len(doc['errors']) - 50} more (see `hms-sync status --errors`)")
     for o in doc["orphans"][:20]:
-        console.print(f"[yellow]orphan[/yellow] OMS order for {o['error']}", markup=True)
+        console.print(f"[yellow]orphan[/yellow] OMS order for {escape(str(o['error']))}",
+                      markup=True)
     console.print(f"took {doc['seconds']:.1f} s")
 
 
@@ -113,17 +117,17 @@ def print_status(console: Console, doc: dict[str, Any]) -> None:
     for row in doc["links"]:
         style = STATE_STYLE.get(row["sync_state"], "")
         cells = [
-            str(row["api_id"]), row["oms_code"] or "-", row["api_status"] or "-",
-            row["oms_state"] or "-", f"[{style}]{row['sync_state']}[/{style}]",
+            str(row["api_id"]), escape(row["oms_code"] or "-"), escape(row["api_status"] or "-"),
+            escape(row["oms_state"] or "-"), f"[{style}]{row['sync_state']}[/{style}]",
             _short_time(row["last_sync_at"]),
         ]
-        table.add_row(*cells, *([row["last_error"] or ""] if wide else []))
+        table.add_row(*cells, *([escape(row["last_error"] or "")] if wide else []))
     console.print(table)
     if not wide:
         for row in doc["links"]:
             if row["last_error"]:
                 console.print(f"[red]error[/red] API order {row['api_id']}: "
-                              f"{row['last_error']}", markup=True)
+                              f"{escape(row['last_error'])}", markup=True)
     c, q = doc["counts"], doc["queue"]
     console.print(
         f"links: {c['ok']} ok, {c['pending']} pending, {c['error']} in error; "
@@ -132,7 +136,7 @@ def print_status(console: Console, doc: dict[str, Any]) -> None:
     for d in doc["dead"]:
         console.print(
             f"[red]dead[/red] API order {d['api_id']} after {d['attempts']} attempt(s): "
-            f"{d['last_error']}", markup=True,
+            f"{escape(str(d['last_error']))}", markup=True,
         )
     if doc["cursors"]:
         console.print("cursors: " + ", ".join(f"{k} {v}" for k, v in doc["cursors"].items()))
@@ -180,4 +184,4 @@ async def run_checks(settings: Settings) -> dict[str, Any]:
 def print_check(console: Console, doc: dict[str, Any]) -> None:
     for name, check in doc["checks"].items():
         mark = "[green]ok[/green]" if check["ok"] else "[red]FAIL[/red]"
-        console.print(f"{mark}  {name}: {check['detail']}", markup=True)
+        console.print(f"{mark}  {name}: {escape(str(check['detail']))}", markup=True)
