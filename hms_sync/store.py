@@ -193,15 +193,26 @@ class Store:
                 raise StoreError(f"store {self.path}: cannot start a write: {exc}") from None
             try:
                 yield self._conn
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StoreError(f"store {self.path}: write failed: {exc}") from None
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             else:
                 try:
                     self._conn.execute("COMMIT")
                 except sqlite3.Error as exc:
-                    self._conn.execute("ROLLBACK")
+                    self._rollback()
                     raise StoreError(f"store {self.path}: commit failed: {exc}") from None
+
+    def _rollback(self) -> None:
+        # Some errors (disk full, I/O) have already rolled back: never mask the first error.
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -555,7 +566,8 @@ def _connect(path: str, *, create: bool) -> sqlite3.Connection:
             raise StoreError(f"store {path} does not exist")
         if p.exists() and not os.access(p, os.R_OK | os.W_OK):
             raise StoreError(f"store {path}: not readable and writable by this user")
-        if not p.exists() and not os.access(p.parent, os.W_OK):
+        if not os.access(p.parent, os.W_OK):
+            # Even an existing store needs it: SQLite keeps its -wal and -shm files there.
             raise StoreError(f"store {path}: directory {p.parent} is not writable")
     try:
         conn = sqlite3.connect(
@@ -567,8 +579,15 @@ def _connect(path: str, *, create: bool) -> sqlite3.Connection:
             raise StoreError(f"store {path}: cannot switch to WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-        # Reading the schema proves the file is a database before anything writes to it.
+        # Reading the schema proves the file is a database before anything writes to it;
+        # quick_check (every page, no index cross-check: ~0.1 s for 50 MB) finds garbage
+        # deeper in the file now, not after a first request has been sent.
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        problem = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if problem != "ok":
+            conn.close()
+            lines = [ln for ln in str(problem).splitlines() if ln.strip() and "***" not in ln]
+            raise StoreError(f"store {path} is corrupted ({(lines or [problem])[0]})")
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"store {path} is not a usable SQLite database: {exc}") from None
     return conn
