@@ -309,7 +309,8 @@ def create_app(
             log.debug("webhook %s delivery %r: order %d already known as new", source,
                       delivery, api_id)
             return "stale", _json(200, {"status": "stale"})
-        log.info("webhook %s %s delivery %r: order %d queued", source, event, delivery, api_id)
+        log.info("[hms-sync] webhook %s %s delivery %r: order %d queued",
+                 source, event, delivery, api_id)
         try:
             wake()
         except Exception:  # the delivery is durable; the next poll picks it up anyway
@@ -320,7 +321,8 @@ def create_app(
         body = await read_body(request)
         if not verifiers[source].verify(request.headers, body):
             client = request.client.host if request.client else "?"
-            log.warning("webhook %s from %s: missing or invalid signature", source, client)
+            log.warning("[hms-sync] webhook %s from %s: missing or invalid signature",
+                        source, client)
             raise _Reject(401, "unauthorized", "invalid signature")
         delivery, event, order = envelope(source, request.headers, body)
         if order is None:
