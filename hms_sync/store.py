@@ -231,6 +231,10 @@ class Store:
                 )
             for number in range(version, len(MIGRATIONS)):
                 with self._write() as conn:
+                    # Another process opening the same new store may have run it while we
+                    # waited for the write lock: read the version again under the lock.
+                    if conn.execute("PRAGMA user_version").fetchone()[0] > number:
+                        continue
                     for statement in MIGRATIONS[number].split(";"):
                         if statement.strip():
                             conn.execute(statement)
