@@ -14,6 +14,8 @@ by ext_code (or the create answers 422 "taken") and adopts it instead of creatin
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -57,9 +59,10 @@ class Result:
     error: str | None = None
 
 
-def _error_key(api: ApiOrder, oms: OmsOrder | None) -> str:
-    """What a permanent failure was about: the same versions of both orders."""
-    return f"{iso(api.updated_at)}|{iso(oms.updated_at) if oms else '-'}"
+def _error_key(api: ApiOrder, oms: OmsOrder | None, config: str) -> str:
+    """What a permanent failure was about: the same versions of both orders under the same
+    mapping configuration. A change to any of them is worth another try."""
+    return f"{iso(api.updated_at)}|{iso(oms.updated_at) if oms else '-'}|{config}"
 
 
 class Engine:
@@ -82,6 +85,11 @@ class Engine:
         self.metrics = metrics or Metrics()
         # How long to wait for another process's lock on an order before raising Busy.
         self.lock_wait = lock_wait
+        # Fixing the configuration (say, adding a user mapping) retries permanent failures.
+        self._config_key = hashlib.sha256(json.dumps(
+            [sorted(mapper.status_map.items()), sorted((mapper.user_map or {}).items()),
+             mapper.user_map is None, mapper.order_type_code, policy],
+        ).encode()).hexdigest()[:12]
         self._local: dict[int, asyncio.Lock] = {}
         self._users: dict[int, int] = {}
 
@@ -167,7 +175,7 @@ class Engine:
             not force
             and link is not None
             and link.sync_state == "error"
-            and link.error_key == _error_key(api, oms)
+            and link.error_key == _error_key(api, oms, self._config_key)
         ):
             # Permanent for that change: nothing new on either side, so nothing to try.
             return Result(api_id, "error", link.oms_code, error=link.last_error)
@@ -322,7 +330,7 @@ class Engine:
         if not dry_run:
             failed = _link_from(api, oms, link, _synced(link) if link else None, "error")
             failed.last_error = message
-            failed.error_key = _error_key(api, oms)
+            failed.error_key = _error_key(api, oms, self._config_key)
             self.store.save_link(failed)
             log.warning("[hms-sync] API order %s not synced: %s", api.id, message)
         return Result(api.id, "error", oms.code if oms else None, error=message)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import harness
 import pytest
 
 from hms_sync.config import SETTINGS, Settings, load_settings
@@ -163,22 +163,11 @@ def drain() -> Callable[..., Awaitable[list[Result]]]:
     return _drain
 
 
-def _wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
 @pytest.fixture
 def wait_until() -> Callable[..., Any]:
     """`wait_until(predicate, timeout=10, interval=0.02)`: poll a condition with a deadline
     and return its truthy value (never a bare sleep to wait for something)."""
-    return _wait_until
+    return harness.wait_until
 
 
 @pytest.fixture

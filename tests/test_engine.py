@@ -882,6 +882,27 @@ def test_guarantee_7_unmapped_values_write_nothing_and_the_rest_go_on(
         assert sb.get_api_order(api_id)["oms_order_code"] is None
 
 
+def test_guarantee_7_fixing_the_mapping_retries_the_orders_it_failed(
+    sb: Sandbox, settings_for: Any, in_runtime: Any
+) -> None:
+    stranger = new_api_order(sb, "stranger", user_id=2)["id"]
+
+    async def first(rt: Runtime) -> None:
+        summary = await sync_all(rt.engine)
+        assert [e["api_id"] for e in summary.errors] == [stranger]
+
+    in_runtime(settings_for(user_map={1: 101}), first)
+    assert ours(sb, stranger) == []
+
+    async def fixed(rt: Runtime) -> None:
+        # Neither order changed, but the configuration did: the failure is tried again.
+        summary = await sync_all(rt.engine)
+        assert summary.errors == [] and summary.counts["created"] == 1
+
+    in_runtime(settings_for(user_map={1: 101, 2: 202}), fixed)
+    assert assert_linked(sb, stranger)["user_id"] == 202
+
+
 def test_guarantee_7_an_added_status_pair_is_carried(
     sb: Sandbox, settings_for: Any, in_runtime: Any
 ) -> None:
