@@ -200,6 +200,8 @@ class Daemon:
                           id="full-rescan")
         sched.add_job(self._housekeeping, "interval", seconds=HOUSEKEEPING_INTERVAL,
                       id="housekeeping", next_run_time=now)
+        sched.add_job(self._prune, "interval", seconds=3600, id="prune-deliveries",
+                      next_run_time=now)
         sched.start()
         self._scheduler = sched
 
@@ -237,11 +239,19 @@ class Daemon:
             counts = self.store.queue_counts()
             self.metrics.queue_depth.set(counts["pending"])
             self.metrics.dead_letters.set(counts["dead"])
-            if random.random() < 0.01:
-                self.store.prune_deliveries(DELIVERY_RETENTION)
         except StoreError as exc:
             log.error("[hms-sync] store: %s", exc)
         self.wake()  # backoffs that expired since the last look
+
+    async def _prune(self) -> None:
+        """Delivery ids are kept a week for deduplication: far past any sender's retries."""
+        try:
+            n = self.store.prune_deliveries(DELIVERY_RETENTION)
+        except StoreError as exc:
+            log.error("[hms-sync] store: %s", exc)
+            return
+        if n:
+            log.info("[hms-sync] forgot %d webhook deliveries older than a week", n)
 
     # -- workers --------------------------------------------------------------------------
 
