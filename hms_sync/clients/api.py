@@ -40,7 +40,7 @@ class ApiClient(JsonClient[ApiOrder]):
 
     async def get_order(self, order_id: int) -> ApiOrder:
         path = f"/api/orders/{int(order_id)}"
-        return self._order(await self.request("GET", path), "GET", path)
+        return self._order(await self.request("GET", path), "GET", path, {"id": int(order_id)})
 
     async def update_order(
         self, order_id: int, *, status: str | None = None, oms_order_code: str | None = None
@@ -51,7 +51,8 @@ class ApiClient(JsonClient[ApiOrder]):
             body["status"] = status
         if oms_order_code is not None:
             body["oms_order_code"] = oms_order_code
-        return self._order(await self.request("PATCH", path, json_body=body), "PATCH", path)
+        doc = await self.request("PATCH", path, json_body=body)
+        return self._order(doc, "PATCH", path, {"id": int(order_id)})
 
     async def create_order(self, title: str, user_id: int, items: list[Any]) -> ApiOrder:
         """What a customer does; hms-sync itself never creates API orders."""
@@ -88,6 +89,7 @@ class ApiClient(JsonClient[ApiOrder]):
         behind the cursor's position and is still reached.
         """
         cursor: str | None = None
+        seen: set[str] = set()
         while True:
             rows, cursor = await self.list_page(
                 updated_since=updated_since, per_page=per_page, cursor=cursor
@@ -96,6 +98,10 @@ class ApiClient(JsonClient[ApiOrder]):
                 yield rows
             if not cursor or not rows:
                 return
+            if cursor in seen:  # a keyset cursor never comes back: the walk would not end
+                raise BadResponse("next_cursor repeats; the listing does not advance",
+                                  system=self.system, method="GET", path="/api/orders")
+            seen.add(cursor)
 
     async def ping(self) -> None:
         """One cheap authenticated call, for `hms-sync check`."""

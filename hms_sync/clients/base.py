@@ -239,9 +239,19 @@ class JsonClient(Generic[M]):
         raise PermanentError(f"unexpected status {code}: {message}", status_code=code, **ctx)
 
 
-    def _order(self, doc: Any, method: str, path: str) -> M:
+    def _order(
+        self, doc: Any, method: str, path: str, same: Mapping[str, Any] | None = None
+    ) -> M:
+        """The order in an answer. `same` names fields it must have as asked: acting on an
+        answer about another order would link or write back the wrong one."""
         ctx = {"system": self.system, "method": method, "path": path}
-        return self._parse(expect(doc, self.envelope, dict, ctx), method, path)
+        order = self._parse(expect(doc, self.envelope, dict, ctx), method, path)
+        for name, wanted in (same or {}).items():
+            got = getattr(order, name)
+            if got != wanted:
+                raise BadResponse(f"answer has {name} {got!r}, not {wanted!r}",
+                                  system=self.system, method=method, path=path)
+        return order
 
     def _parse(self, raw: Any, method: str, path: str) -> M:
         """One order from an answer; BadResponse names the first bad or missing field."""

@@ -47,17 +47,20 @@ class OmsClient(JsonClient[OmsOrder]):
 
     async def get_order(self, code: str) -> OmsOrder:
         path = self._path(code)
-        return self._order(await self.request("GET", path), "GET", path)
+        return self._order(await self.request("GET", path), "GET", path, {"code": code})
 
     async def create_order(self, order: dict[str, Any]) -> OmsOrder:
         path = "/api/v1/orders"
         doc = await self.request("POST", path, json_body={"order": order})
-        return self._order(doc, "POST", path)
+        same: dict[str, Any] = {
+            k: order[k] for k in ("ext_code", "order_type_code") if k in order
+        }
+        return self._order(doc, "POST", path, same)
 
     async def update_order(self, code: str, patch: dict[str, Any]) -> OmsOrder:
         path = self._path(code)
         doc = await self.request("PATCH", path, json_body={"order": patch})
-        return self._order(doc, "PATCH", path)
+        return self._order(doc, "PATCH", path, {"code": code})
 
     async def list_page(
         self,
