@@ -308,7 +308,7 @@ def _error_message(body: bytes) -> str:
     if isinstance(doc, dict):
         for key in ("message", "error"):
             if isinstance(doc.get(key), str):
-                return str(doc[key])[:200]
+                return _text(doc[key])
         if isinstance(doc.get("errors"), dict):
             return _summarise(_field_errors(body))
     return ""
@@ -325,10 +325,17 @@ def _field_errors(body: bytes) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for field, msgs in errors.items():
         if isinstance(msgs, list):
-            out[str(field)] = [str(m)[:200] for m in msgs]
+            out[_text(field)] = [_text(m) for m in msgs]
         else:
-            out[str(field)] = [str(msgs)[:200]]
+            out[_text(field)] = [_text(msgs)]
     return out
+
+
+def _text(value: Any, limit: int = 200) -> str:
+    """Server text for our messages: bounded, control characters shown escaped (an ANSI
+    sequence in an error answer must not drive the operator's terminal or split a log line)."""
+    text = str(value)[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _summarise(errors: dict[str, list[str]]) -> str:
