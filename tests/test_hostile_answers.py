@@ -118,17 +118,29 @@ def serve(hostile: Hostile) -> Iterator[Hostile]:
         sock.close()
 
 
-@pytest.fixture
-def hostile() -> Iterator[Hostile]:
-    with serve(Hostile()) as h:
-        yield h
+@pytest.fixture(scope="module")
+def _servers() -> Iterator[tuple[Hostile, Hostile]]:
+    with serve(Hostile()) as h, serve(Hostile(host="127.0.0.2")) as b:
+        yield h, b
+
+
+def _fresh(server: Hostile) -> Iterator[Hostile]:
+    server.script.clear()
+    server.seen.clear()
+    server.stop_stalling = threading.Event()
+    yield server
+    server.stop_stalling.set()  # end this test's stalled answers
 
 
 @pytest.fixture
-def bystander() -> Iterator[Hostile]:
+def hostile(_servers: tuple[Hostile, Hostile]) -> Iterator[Hostile]:
+    yield from _fresh(_servers[0])
+
+
+@pytest.fixture
+def bystander(_servers: tuple[Hostile, Hostile]) -> Iterator[Hostile]:
     """Another host (127.0.0.2) that a redirect points at: it must never be asked."""
-    with serve(Hostile(host="127.0.0.2")) as h:
-        yield h
+    yield from _fresh(_servers[1])
 
 
 # -- answers ---------------------------------------------------------------------------------
@@ -147,10 +159,12 @@ def doc(value: Any, status: int = 200) -> Handler:
 def stall_after(prefix: bytes, hostile: Hostile) -> Handler:
     """Headers and the start of a body, then nothing (until the test ends)."""
 
+    stop = hostile.stop_stalling
+
     async def handler(request: Request) -> Response:
         async def body() -> Any:
             yield prefix
-            while not hostile.stop_stalling.is_set():
+            while not stop.is_set():
                 await asyncio.sleep(0.05)
 
         return StreamingResponse(body(), 200, media_type="application/json")
