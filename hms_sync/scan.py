@@ -19,8 +19,9 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from .engine import Engine, Result
@@ -41,13 +42,13 @@ async def poll_api(engine: Engine, *, full: bool = False) -> int:
     """
     store = engine.store
     enqueued = 0
-    async for page in engine.api.iter_pages(
-        updated_since=None if full else store.get_cursor(API), per_page=API_PAGE
-    ):
+    since = None if full else store.get_cursor(API)
+    async for page in engine.api.iter_pages(updated_since=since, per_page=API_PAGE):
         links = store.get_links(o.id for o in page)
-        changed = [o.id for o in page if _api_changed(o, links.get(o.id))]
+        changed = [(o.id, o) for o in page if _api_changed(o, links.get(o.id))]
+        fresh, again = _split(changed, since)
         position = None if full else page[-1].updated_at
-        enqueued += store.advance(API, position, changed, f"poll {API}")
+        enqueued += store.advance(API, position, fresh, f"poll {API}", seen=again)
     engine.metrics.last_poll.labels(API).set(time.time())
     return enqueued
 
@@ -56,9 +57,9 @@ async def poll_oms(engine: Engine, *, full: bool = False) -> int:
     """Enqueue the API ids of our OMS orders changed since the cursor."""
     store = engine.store
     enqueued = 0
+    since = None if full else store.get_cursor(OMS)
     async for page in engine.oms.iter_pages(
-        updated_since=None if full else store.get_cursor(OMS),
-        order_type_code=engine.mapper.order_type_code,
+        updated_since=since, order_type_code=engine.mapper.order_type_code,
     ):
         ids = {o.code: engine.mapper.api_id_for(o.ext_code) for o in page}
         links = store.get_links(i for i in ids.values() if i is not None)
@@ -68,11 +69,23 @@ async def poll_oms(engine: Engine, *, full: bool = False) -> int:
             if api_id is None or not o.is_ours(engine.mapper.order_type_code):
                 continue
             if _oms_changed(o, links.get(api_id)):
-                changed.append(api_id)
+                changed.append((api_id, o))
+        fresh, again = _split(changed, since)
         position = None if full else page[-1].updated_at
-        enqueued += store.advance(OMS, position, changed, f"poll {OMS}")
+        enqueued += store.advance(OMS, position, fresh, f"poll {OMS}", seen=again)
     engine.metrics.last_poll.labels(OMS).set(time.time())
     return enqueued
+
+
+def _split(
+    changed: Sequence[tuple[int, ApiOrder | OmsOrder]], since: datetime | None
+) -> tuple[list[int], list[int]]:
+    """API ids of orders newer than the cursor, and of those read again at it."""
+    fresh: list[int] = []
+    again: list[int] = []
+    for api_id, order in changed:
+        (again if since is not None and order.updated_at <= since else fresh).append(api_id)
+    return fresh, again
 
 
 def _api_changed(order: ApiOrder, link: Link | None) -> bool:

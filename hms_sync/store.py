@@ -344,15 +344,27 @@ class Store:
         return {r["system"]: r["position"] for r in self._read("SELECT * FROM cursors")}
 
     def advance(
-        self, system: str, position: datetime | None, api_ids: Iterable[int], reason: str
+        self, system: str, position: datetime | None, api_ids: Iterable[int], reason: str,
+        *, seen: Iterable[int] = (),
     ) -> int:
         """Enqueue work for `api_ids` and move the cursor, in one transaction.
 
         The cursor only moves together with the work it covers, so a crash between the two
-        cannot skip an order. Returns how many ids were newly enqueued.
+        cannot skip an order. `seen` are orders read again at the cursor's own position
+        (the bound is inclusive): a walk before this one already enqueued them, so they are
+        added only if no row holds them, and a dead row is not revived by the re-read.
+        Returns how many ids were newly enqueued.
         """
         with self._write() as conn:
             n = self._enqueue(conn, api_ids, reason)
+            now = time.time()
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO queue (api_id, reason, next_attempt_at, enqueued_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(api_id) DO NOTHING",
+                [(int(i), reason, now, now) for i in seen],
+            )
+            n += conn.total_changes - before
             if position is not None:
                 conn.execute(
                     "INSERT INTO cursors (system, position, updated_at) VALUES (?, ?, ?) "
