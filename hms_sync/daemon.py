@@ -216,6 +216,12 @@ class Daemon:
             self.metrics.errors.labels("poll").inc()
             log.warning("[hms-sync] poll of %s failed: %s", system, exc or "timed out")
             return
+        except asyncio.CancelledError:
+            # Stopping cancels a running job (APScheduler 3), which it logs as an error with
+            # a traceback. Nothing is lost (pages already walked are committed, the next
+            # start resumes from the cursor), so end quietly instead.
+            log.info("[hms-sync] poll of %s cut short by the stop", system)
+            return
         self.last_poll[system] = time.time()
         if n:
             log.info("[hms-sync] poll of %s found %d changed order(s)", system, n)
@@ -229,6 +235,9 @@ class Daemon:
                 n = await poll_api(self.engine, full=True) + await poll_oms(self.engine, full=True)
         except (HmsSyncError, TimeoutError) as exc:
             log.warning("[hms-sync] full rescan failed: %s", exc or "timed out")
+            return
+        except asyncio.CancelledError:  # stopping: as in _poll
+            log.info("[hms-sync] full rescan cut short by the stop")
             return
         log.info("[hms-sync] full rescan enqueued %d order(s)", n)
         if n:
