@@ -227,9 +227,13 @@ def status_cmd(
     from .cli_views import print_status, status_doc
 
     settings = settings_for(config, db=db, credentials=False)
+    from .errors import StoreError
+
     store = store_for(settings, create=False)
     try:
         doc = status_doc(store, errors_only=errors, limit=limit)
+    except StoreError as exc:
+        fail(str(exc), 2)
     finally:
         store.close()
     if as_json:
@@ -255,9 +259,13 @@ def retry_cmd(
     if order_ids and all_dead:
         fail("pass either order ids or --all, not both", 2)
     settings = settings_for(config, db=db, credentials=False)
+    from .errors import StoreError
+
     store = store_for(settings, create=False)
     try:
         n = store.requeue_dead(None if all_dead else order_ids)
+    except StoreError as exc:  # e.g. locked by another process past the busy timeout
+        fail(str(exc), 2)
     finally:
         store.close()
     if as_json:
