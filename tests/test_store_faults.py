@@ -138,6 +138,35 @@ def test_a_lock_held_past_the_busy_timeout_is_a_clear_error_then_recovers(
         assert link is not None and link.oms_code == "ORD-3"
 
 
+# The CLI with a short busy timeout, so a lock can outlast it within a test.
+SHORT_WAIT_CLI = textwrap.dedent(
+    """
+    import sys
+    import hms_sync.store
+    hms_sync.store.BUSY_TIMEOUT_MS = 200
+    from hms_sync.cli import main
+    sys.argv = ["hms-sync", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize("command", [["retry", "--all"], ["retry", "7"]])
+def test_commands_facing_a_lock_past_the_busy_timeout_exit_2_with_one_line(
+    sb: Sandbox, db_path: Path, command: list[str]
+) -> None:
+    with Store(db_path) as store:
+        store.enqueue([7], "poll")
+    holder = hold_lock(db_path, 3.0)
+    try:
+        proc = subprocess.run([sys.executable, "-c", SHORT_WAIT_CLI, *command],
+                              env=cli_env(sb, db_path), capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)
+    finally:
+        holder.wait(10)
+    assert_one_clear_line(proc, str(db_path), "locked")
+
+
 # -- unusable places and files: exit 2, one line, nothing sent, nothing overwritten -----------
 
 
