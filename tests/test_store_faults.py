@@ -151,15 +151,14 @@ SHORT_WAIT_CLI = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("command", [["retry", "--all"], ["retry", "7"]])
-def test_commands_facing_a_lock_past_the_busy_timeout_exit_2_with_one_line(
-    sb: Sandbox, db_path: Path, command: list[str]
+def test_retry_facing_a_lock_past_the_busy_timeout_is_exit_2_with_one_line(
+    sb: Sandbox, db_path: Path
 ) -> None:
     with Store(db_path) as store:
         store.enqueue([7], "poll")
     holder = hold_lock(db_path, 3.0)
     try:
-        proc = subprocess.run([sys.executable, "-c", SHORT_WAIT_CLI, *command],
+        proc = subprocess.run([sys.executable, "-c", SHORT_WAIT_CLI, "retry", "--all"],
                               env=cli_env(sb, db_path), capture_output=True, text=True,
                               timeout=60, cwd=ROOT)
     finally:
