@@ -44,14 +44,19 @@ RECONCILE_TIMEOUT = 120.0  # no reconcile may run longer than this
 POLL_TIMEOUT = 300.0  # a poll walk is cut here; its committed pages are kept
 HOUSEKEEPING_INTERVAL = 5.0
 DELIVERY_RETENTION = 7 * 24 * 3600.0
+MAX_RETRY_AFTER = 3600.0
 
 
 def backoff_delay(attempts: int, initial: float, cap: float, retry_after: float | None) -> float:
-    """Per-order exponential backoff with full jitter in [d/2, d], capped; honours Retry-After."""
+    """Per-order exponential backoff with jitter in [d/2, d], capped at `cap`.
+
+    A server's Retry-After is honoured even past the cap (it knows when it will take us
+    back), up to an hour, so a silly value cannot park an order forever.
+    """
     base = min(cap, initial * (2 ** max(0, attempts)))
     delay = random.uniform(base / 2, base)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, cap))
+        delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
     return delay
 
 

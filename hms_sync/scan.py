@@ -46,7 +46,7 @@ async def poll_api(engine: Engine, *, full: bool = False) -> int:
     async for page in engine.api.iter_pages(updated_since=since, per_page=API_PAGE):
         links = store.get_links(o.id for o in page)
         changed = [(o.id, o) for o in page if _api_changed(o, links.get(o.id))]
-        fresh, again = _split(changed, since)
+        fresh, again = _split(changed, since, full)
         position = None if full else page[-1].updated_at
         enqueued += store.advance(API, position, fresh, f"poll {API}", seen=again)
     engine.metrics.last_poll.labels(API).set(time.time())
@@ -70,7 +70,7 @@ async def poll_oms(engine: Engine, *, full: bool = False) -> int:
                 continue
             if _oms_changed(o, links.get(api_id)):
                 changed.append((api_id, o))
-        fresh, again = _split(changed, since)
+        fresh, again = _split(changed, since, full)
         position = None if full else page[-1].updated_at
         enqueued += store.advance(OMS, position, fresh, f"poll {OMS}", seen=again)
     engine.metrics.last_poll.labels(OMS).set(time.time())
@@ -78,9 +78,15 @@ async def poll_oms(engine: Engine, *, full: bool = False) -> int:
 
 
 def _split(
-    changed: Sequence[tuple[int, ApiOrder | OmsOrder]], since: datetime | None
+    changed: Sequence[tuple[int, ApiOrder | OmsOrder]], since: datetime | None, full: bool
 ) -> tuple[list[int], list[int]]:
-    """API ids of orders newer than the cursor, and of those read again at it."""
+    """API ids of orders newer than the cursor, and of those read again at it.
+
+    The full rescan reads everything again: it is a safety net for orders nothing else
+    queued, so it must not revive what was given up on (that is `hms-sync retry`'s job).
+    """
+    if full:
+        return [], [api_id for api_id, _ in changed]
     fresh: list[int] = []
     again: list[int] = []
     for api_id, order in changed:

@@ -1032,3 +1032,24 @@ def test_done_when_a_thousand_orders_sync_once_and_then_cost_nothing(
     codes = {o["ext_code"]: o["code"] for o in sb.list_oms_orders()}
     assert len(codes) == 1000
     assert all(o["oms_order_code"] == codes[str(o["id"])] for o in sb.list_api_orders())
+
+
+def test_the_full_rescan_queues_what_nothing_else_did_but_does_not_revive_the_dead(
+    sb: Sandbox, settings: Any, in_runtime: Any
+) -> None:
+    given_up = new_api_order(sb, "given up")["id"]
+    missed = new_api_order(sb, "missed by every trigger")["id"]
+
+    async def body(rt: Runtime) -> None:
+        rt.store.enqueue([given_up], "test")
+        [item] = rt.store.due(10)
+        assert rt.store.fail(item, "gave up", delay=None, max_attempts=3)  # dead
+
+        await poll_api(rt.engine, full=True)
+        dead = {row["api_id"]: row for row in rt.store.queue_items(dead=True)}
+        waiting = {row["api_id"] for row in rt.store.queue_items(dead=False)}
+        assert given_up in dead and dead[given_up]["last_error"] == "gave up"
+        assert waiting == {missed}  # queued: it has no link yet
+        assert rt.store.get_cursor(API) is None  # the safety net never moves the cursor
+
+    in_runtime(settings, body)

@@ -577,3 +577,31 @@ def test_the_daemon_survives_a_hostile_api_and_keeps_serving(
     assert "Traceback" not in log
     assert hostile.writes() == []
     assert sandbox_writes(sb) == NO_WRITES
+
+
+def test_an_oms_listing_that_ignores_page_numbers_is_a_clear_error_not_an_endless_walk(
+    httpx_mock: Any,
+) -> None:
+    """Every page of one timestamp with a next page: stepping page numbers would never end."""
+    import asyncio
+
+    from hms_sync.clients.oms import OmsClient
+    from hms_sync.errors import BadResponse
+
+    row = {"code": "X", "ext_code": "1", "order_type_code": "api_order", "state": "to_execute",
+           "user_id": 1, "data": {}, "updated_at": "2026-12-04T19:00:00.000Z"}
+    body = {"orders": [row, {**row, "code": "Y"}],
+            "meta": {"current_page": 1, "next_page": 2, "prev_page": None, "total_pages": 2,
+                     "total_count": 4}}
+    httpx_mock.add_response(json=body, is_reusable=True)
+
+    async def walk() -> int:
+        n = 0
+        async with OmsClient("http://oms.test", "k") as client:
+            async for _ in client.iter_pages(per_page=2):
+                n += 1
+        return n
+
+    with pytest.raises(BadResponse, match="ignores page numbers"):
+        asyncio.run(walk())
+    assert len(httpx_mock.get_requests()) <= 4

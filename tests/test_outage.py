@@ -226,7 +226,9 @@ def test_after_an_oms_outage_dead_items_say_why_and_everything_drains_on_retry(
 def test_queue_backoff_doubles_with_jitter_is_capped_and_honours_retry_after() -> None:
     """The per-order delay the daemon schedules after a transient failure (pure function):
     exponential from backoff_initial with jitter in [d/2, d], never above backoff_max, and
-    never shorter than a Retry-After the system gave (itself cut at backoff_max)."""
+    never shorter than a Retry-After the system gave (honoured past backoff_max: the server
+    knows when it will take us back; but cut at an hour so a silly value cannot park an
+    order forever)."""
     from hms_sync.daemon import backoff_delay
 
     for attempts in range(0, 40):
@@ -237,4 +239,5 @@ def test_queue_backoff_doubles_with_jitter_is_capped_and_honours_retry_after() -
     for _ in range(50):
         assert 7.0 <= backoff_delay(0, 1.0, 300.0, 7.0) <= 7.0  # Retry-After over the jitter
         assert backoff_delay(0, 1.0, 300.0, 0.1) >= 0.5  # ...but never below the backoff
-        assert backoff_delay(0, 1.0, 30.0, 3600.0) == 30.0  # and cut at the cap
+        assert backoff_delay(0, 1.0, 30.0, 600.0) == 600.0  # honoured past the cap
+        assert backoff_delay(0, 1.0, 30.0, 1e9) == 3600.0  # but not beyond an hour

@@ -119,11 +119,20 @@ class OmsClient(JsonClient[OmsOrder]):
         page = 1
         given: set[tuple[str, datetime]] = set()  # (code, updated_at) yielded since `since`
         stepped = new_in_group = False
+        previous: list[tuple[str, datetime]] = []
         while True:
             rows, next_page = await self.list_page(
                 updated_since=since, order_type_code=order_type_code, page=page,
                 per_page=per_page,
             )
+            current = [(o.code, o.updated_at) for o in rows]
+            if page > 1 and current and current == previous:
+                # A server that ignores `page` would have us walk forever.
+                raise BadResponse(
+                    f"page {page} repeats page {page - 1}; the listing ignores page numbers",
+                    system=self.system, method="GET", path="/api/v1/orders",
+                )
+            previous = current
             fresh = [o for o in rows if (o.code, o.updated_at) not in given]
             if fresh:
                 given.update((o.code, o.updated_at) for o in fresh)
