@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -112,7 +112,10 @@ class BadRequest(Exception):
 
 
 async def read_json(request: Request) -> Any:
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the client went away (a killed daemon): nobody to answer
+        raise BadRequest("client disconnected before sending the body") from None
     if not raw.strip():
         return None
     try:
