@@ -8,7 +8,6 @@ failed). Heavy libraries are imported inside the commands that need them, so `--
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -84,10 +83,12 @@ def emit_json(doc: Any) -> None:
 
 def _run(coro: Any) -> Any:
     """Run a coroutine; expected errors become one line, never a traceback."""
+    import asyncio
+
     from .errors import HmsSyncError, StoreError, Unauthorized
 
     try:
-        return asyncio.run(coro)
+        return asyncio.run(coro)  # imported here: asyncio costs ~40 ms of start-up
     except Unauthorized as exc:
         fail(str(exc), 1)
     except StoreError as exc:
@@ -286,7 +287,7 @@ def check_cmd(config: ConfigOpt = None, db: DbOpt = None, as_json: JsonOpt = Fal
     from .cli_views import print_check, run_checks
 
     settings = settings_for(config, db=db)
-    doc = asyncio.run(run_checks(settings))
+    doc = _run(run_checks(settings))
     if as_json:
         emit_json(doc)
     else:

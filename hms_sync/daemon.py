@@ -290,7 +290,7 @@ class Daemon:
                 if len(items) == free:
                     continue  # more may be due; look again at once
             try:
-                due_in = self.store.next_due_in()
+                due_in = self.store.next_due_in(exclude=self._inflight.keys())
             except StoreError:
                 due_in = None
             timeout = 1.0 if due_in is None else min(1.0, max(due_in, 0.01))

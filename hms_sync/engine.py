@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -92,6 +93,7 @@ class Engine:
         ).encode()).hexdigest()[:12]
         self._local: dict[int, asyncio.Lock] = {}
         self._users: dict[int, int] = {}
+        self._held: set[int] = set()  # order locks this engine holds in the store
 
     # -- entry point ----------------------------------------------------------------------
 
@@ -125,10 +127,13 @@ class Engine:
                     await self._wait_for_lock(api_id)
                     api, oms, oms_known = None, None, False  # read before waiting: stale
                 started = time.perf_counter()
+                self._held.add(api_id)
                 try:
                     result = await self._reconcile(api_id, api, oms, oms_known, False, force)
                 finally:
-                    self.store.unlock(api_id)
+                    if api_id in self._held:  # not already released with the final save
+                        self._held.discard(api_id)
+                        self.store.unlock(api_id)
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
                 self.metrics.reconciles.labels(result.outcome).inc()
                 return result
@@ -303,7 +308,7 @@ class Engine:
         # Still changing under us after MAX_ROUNDS: "pending" makes the next poll look again.
         state = "ok" if not plan.writes else "pending"
         done = _link_from(api, oms, link, agreed, state)
-        self.store.save_link(done, writes)
+        self._save_final(done, writes)
         return Result(api.id, "updated" if writes else "unchanged", oms.code, writes=described)
 
     async def _write_api(self, api: ApiOrder, plan: Plan, writes: list[Write]) -> ApiOrder:
@@ -331,7 +336,7 @@ class Engine:
             failed = _link_from(api, oms, link, _synced(link) if link else None, "error")
             failed.last_error = message
             failed.error_key = _error_key(api, oms, self._config_key)
-            self.store.save_link(failed)
+            self._save_final(failed)
             log.warning("[hms-sync] API order %s not synced: %s", api.id, message)
         return Result(api.id, "error", oms.code if oms else None, error=message)
 
@@ -343,6 +348,13 @@ class Engine:
             self.store.save_link(link)
         return Result(api_id, "missing" if link is None else "error",
                       link.oms_code if link else None, error=message)
+
+    def _save_final(self, link: Link, writes: Iterable[Write] = ()) -> None:
+        """The last save of a reconcile also releases the order's lock: one transaction."""
+        release = link.api_id in self._held
+        self.store.save_link(link, writes, release_lock=release)
+        if release:
+            self._held.discard(link.api_id)
 
     # -- bookkeeping ----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ def _aware(v: datetime) -> datetime:
 
 def iso(dt: datetime) -> str:
     """Timestamps as we send and store them: UTC, microseconds, `Z`."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_iso(text: str) -> datetime:

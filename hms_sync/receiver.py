@@ -293,12 +293,13 @@ def create_app(
                      api_id: int) -> tuple[str, Response]:
         delivered = _when(order.get("updated_at"))
         try:
-            link = await run_in_threadpool(store.get_link, api_id) if delivered else None
+            # Straight on the loop, like every other store call of the daemon: the calls
+            # take well under a millisecond, while a thread-pool hop cost deliveries up to
+            # a second of queueing under load (see BENCHMARKS.md).
+            link = store.get_link(api_id) if delivered else None
             known = getattr(link, LINK_SIDE[source]) if link is not None else None
             stale = delivered is not None and known is not None and delivered <= known
-            fresh = await run_in_threadpool(
-                store.accept_delivery, delivery, source, event, None if stale else api_id
-            )
+            fresh = store.accept_delivery(delivery, source, event, None if stale else api_id)
         except (StoreError, sqlite3.Error) as exc:
             log.error("webhook %s delivery %r: store unavailable: %s", source, delivery, exc)
             raise _Reject(503, "unavailable", "store unavailable, retry later") from None

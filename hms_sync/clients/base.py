@@ -136,8 +136,23 @@ class JsonClient(Generic[M]):
         retry: bool = True,
     ) -> Any:
         """Send one request, retrying transient failures; return the decoded JSON body."""
-        if not retry:
+        # The first attempt goes straight out: building a retry loop for every request
+        # cost more CPU than the request itself, and most requests succeed first time.
+        try:
             return await self._once(method, path, params, json_body)
+        except (RateLimited, ServerError, NetworkError) as exc:
+            if not retry:
+                raise
+            failed: BaseException | None = exc
+        async for attempt in self._retrying(method, path):
+            with attempt:
+                if failed is not None:  # attempt 1 is the one that just failed
+                    first, failed = failed, None
+                    raise first
+                return await self._once(method, path, params, json_body)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retrying(self, method: str, path: str) -> AsyncRetrying:
         o = self.options
 
         def wait(state: RetryCallState) -> float:
@@ -159,7 +174,7 @@ class JsonClient(Generic[M]):
             multiplier=o.backoff_initial, max=o.backoff_max, jitter=o.backoff_initial
         )
         limits = stop_after_delay(o.deadline) | stop_after_attempt(o.max_attempts)
-        retrying = AsyncRetrying(
+        return AsyncRetrying(
             retry=retry_if_exception_type((RateLimited, ServerError, NetworkError)),
             stop=stop,
             wait=wait,
@@ -169,10 +184,6 @@ class JsonClient(Generic[M]):
                 s.outcome.exception() if s.outcome else "?",
             ),
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._once(method, path, params, json_body)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(
         self, method: str, path: str, params: Mapping[str, Any] | None, json_body: Any
