@@ -492,12 +492,26 @@ class Store:
     def fail(self, item: WorkItem, error: str, *, delay: float | None, max_attempts: int) -> bool:
         """Record a failed attempt. `delay` None means permanent: dead at once.
 
+        A permanent failure is about the versions the attempt read. If a newer trigger came
+        while it ran (the generation moved), the order changed since: it is tried again at
+        once instead of dying, or that change would never be looked at.
         Returns True when the item is now dead.
         """
         now = time.time()
         attempts = item.attempts + 1
         dead = delay is None or attempts >= max_attempts
         with self._write() as conn:
+            if delay is None:
+                row = conn.execute(
+                    "SELECT generation FROM queue WHERE api_id = ?", (item.api_id,)
+                ).fetchone()
+                if row is not None and row[0] != item.generation:
+                    conn.execute(
+                        "UPDATE queue SET attempts = 0, last_error = ?, next_attempt_at = ? "
+                        "WHERE api_id = ?",
+                        (error, now, item.api_id),
+                    )
+                    return False
             conn.execute(
                 "UPDATE queue SET attempts = ?, last_error = ?, next_attempt_at = ?, "
                 "dead = ?, died_at = ? WHERE api_id = ?",

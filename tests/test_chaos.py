@@ -109,6 +109,28 @@ class Driver:
                 self.per_order[api_id] += 1
 
 
+def history(db: Path, problems: list[str], log: str) -> str:
+    """What the store and the log say about the first problem orders, for the report."""
+    ids = [p.split(":")[0] for p in problems if p.split(":")[0].isdigit()]
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        out = []
+        for api_id in ids:
+            out.append(f"-- API order {api_id}")
+            out += [str(r) for r in conn.execute("SELECT * FROM links WHERE api_id = ?",
+                                                 (api_id,))]
+            out += [str(r) for r in conn.execute("SELECT * FROM queue WHERE api_id = ?",
+                                                 (api_id,))]
+            out += [str(r) for r in conn.execute(
+                "SELECT at, system, action, changes, reason FROM audit WHERE api_id = ?",
+                (api_id,))]
+            out += [line for line in log.splitlines()
+                    if f"API order {api_id} " in line or f"order {api_id} queued" in line]
+        return "\n".join(out)
+    finally:
+        conn.close()
+
+
 def audit(db: Path) -> list[tuple[str, str, int]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
@@ -191,7 +213,8 @@ def test_chaos(sb: Sandbox, tmp_path: Path) -> None:
         except AssertionError:
             raise AssertionError(
                 f"seed {SEED}: not converged after {CONVERGE_SECONDS}s; "
-                f"{len(last[0])} problems, e.g. {last[0][:10]}\n{daemon.log()[-3000:]}"
+                f"{len(last[0])} problems, e.g. {last[0][:10]}\n"
+                f"{history(tmp_path / 'daemon.db', last[0][:3], daemon.log())}"
             ) from None
         print(f"converged {time.monotonic() - drove:.1f}s after the changes stopped; "
               f"changes: {dict(driver.changes)}")

@@ -185,6 +185,22 @@ def test_fail_without_a_delay_is_dead_at_once(store: Store) -> None:
     assert store.due(10) == []
 
 
+def test_a_permanent_failure_does_not_kill_a_trigger_that_came_while_it_ran(
+    store: Store,
+) -> None:
+    # The attempt read old versions and failed for good (say a 422); meanwhile a webhook
+    # said the order changed again. Killing the row would lose that change for good: polls
+    # have already moved past it.
+    store.enqueue([5], "poll")
+    [item] = store.due(10)
+    store.enqueue([5], "webhook")  # arrives while the attempt runs
+    assert store.fail(item, "422", delay=None, max_attempts=100) is False
+    row = queue_row(store, 5)
+    assert row["dead"] == 0 and row["attempts"] == 0 and row["last_error"] == "422"
+    [again] = store.due(10)
+    assert again.api_id == 5
+
+
 def test_a_new_trigger_revives_a_dead_item(store: Store) -> None:
     store.enqueue([5], "poll")
     [item] = store.due(10)
