@@ -33,6 +33,7 @@ log = logging.getLogger("hms_sync.integration")
 
 API, OMS = "HMS-API", "HMS-OMS"
 API_PAGE = 500
+SYNC_ALL_ATTEMPTS = 4  # per order, before it is left to the daemon's retry queue
 
 
 async def poll_api(engine: Engine, *, full: bool = False) -> int:
@@ -209,10 +210,25 @@ async def sync_all(
     sem = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
 
+    async def attempt(api_id: int, **kw: Any) -> Result:
+        """Reconcile, trying again a few times on a transient failure, each time from
+        fresh reads (a write is never re-sent as decided before the failure)."""
+        for n in range(SYNC_ALL_ATTEMPTS):
+            try:
+                return await engine.reconcile(api_id, dry_run=dry_run, **kw)
+            except TransientError as exc:
+                if n + 1 == SYNC_ALL_ATTEMPTS:
+                    raise
+                delay = 0.2 * 2**n
+                retry_after = getattr(exc, "retry_after", None)
+                await asyncio.sleep(max(delay, retry_after or 0.0))
+                kw = {}  # what was read by the page may be stale now: read afresh
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def one(api_id: int, **kw: Any) -> None:
         async with sem:
             try:
-                result = await engine.reconcile(api_id, dry_run=dry_run, **kw)
+                result = await attempt(api_id, **kw)
             except TransientError as exc:
                 result = Result(api_id, "error", error=f"{exc} (queued for retry)")
                 summary.counts["retry_later"] += 1

@@ -51,7 +51,10 @@ class ApiClient(JsonClient[ApiOrder]):
             body["status"] = status
         if oms_order_code is not None:
             body["oms_order_code"] = oms_order_code
-        doc = await self.request("PATCH", path, json_body=body)
+        # Not retried here: by the time a retry went out, someone may have changed the
+        # order, and re-sending what we decided earlier would undo their change. The
+        # engine retries the whole reconcile instead, which reads both sides afresh.
+        doc = await self.request("PATCH", path, json_body=body, retry=False)
         return self._order(doc, "PATCH", path, {"id": int(order_id)})
 
     async def create_order(self, title: str, user_id: int, items: list[Any]) -> ApiOrder:

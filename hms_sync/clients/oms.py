@@ -59,7 +59,10 @@ class OmsClient(JsonClient[OmsOrder]):
 
     async def update_order(self, code: str, patch: dict[str, Any]) -> OmsOrder:
         path = self._path(code)
-        doc = await self.request("PATCH", path, json_body={"order": patch})
+        # Not retried here: by the time a retry went out, someone may have changed the
+        # order, and re-sending what we decided earlier would undo their change. The
+        # engine retries the whole reconcile instead, which reads both sides afresh.
+        doc = await self.request("PATCH", path, json_body={"order": patch}, retry=False)
         return self._order(doc, "PATCH", path, {"code": code})
 
     async def list_page(
