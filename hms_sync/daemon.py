@@ -34,7 +34,7 @@ from .logs import configure_logging
 from .metrics import Metrics
 from .runtime import runtime
 from .scan import API, OMS, poll_api, poll_oms
-from .serving import QuietServer
+from .serving import QuietServer, bind_tcp
 from .store import Store, WorkItem
 
 log = logging.getLogger("hms_sync.daemon")
@@ -376,17 +376,12 @@ class Daemon:
 
 def _listen_socket(host: str, port: int) -> socket.socket:
     """The receiver's listening socket, bound now; ConfigError names the setting."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        return bind_tcp(host, port)
     except OSError as exc:
-        sock.close()
         raise ConfigError(
             f"{setting_name('port')}: cannot listen on {host}:{port}: {exc.strerror or exc}"
         ) from None
-    return sock
 
 
 def _utcnow() -> datetime:

@@ -31,7 +31,7 @@ from hms_sync.sandbox.common import Faults
 from hms_sync.sandbox.oms import OmsState, create_oms_app
 from hms_sync.sandbox.webhooks import WebhookSender
 
-from ..serving import QuietServer
+from ..serving import QuietServer, bind_tcp
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +66,6 @@ class SandboxError(Exception):
         self.body = body
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets (no 40 ms stalls)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
 
 
 def _url(host: str, port: int) -> str:
@@ -116,9 +104,9 @@ class Sandbox:
                           max_attempts=cfg.webhook_max_attempts),
             Faults(**vars(cfg.faults)),
         )
-        sockets = [_bind(cfg.host, cfg.api_port)]
+        sockets = [bind_tcp(cfg.host, cfg.api_port)]
         try:
-            sockets.append(_bind(cfg.host, cfg.oms_port))
+            sockets.append(bind_tcp(cfg.host, cfg.oms_port))
         except OSError:
             sockets[0].close()
             raise
