@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import signal
@@ -286,7 +287,7 @@ class Daemon:
                 for item in items:
                     task = asyncio.create_task(self._work(item))
                     self._inflight[item.api_id] = task
-                    task.add_done_callback(self._done)
+                    task.add_done_callback(functools.partial(self._done, item.api_id))
                 if len(items) == free:
                     continue  # more may be due; look again at once
             try:
@@ -298,10 +299,8 @@ class Daemon:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        for api_id, t in list(self._inflight.items()):
-            if t is task:
-                del self._inflight[api_id]
+    def _done(self, api_id: int, _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(api_id, None)
         self._wake.set()
 
     async def _work(self, item: WorkItem) -> None:

@@ -152,14 +152,12 @@ class _OmsSpool:
         self._db = sqlite3.connect("", check_same_thread=False)  # "" = temp file on disk
         self._db.execute("CREATE TABLE o (ext TEXT, code TEXT, doc TEXT, seen INTEGER DEFAULT 0)")
         self._db.execute("CREATE TABLE met (id INTEGER PRIMARY KEY)")
-        self.count = 0
 
     def add(self, orders: list[OmsOrder]) -> None:
         self._db.executemany(
             "INSERT INTO o (ext, code, doc) VALUES (?, ?, ?)",
             [(o.ext_code, o.code, o.model_dump_json()) for o in orders],
         )
-        self.count += len(orders)
 
     def index(self) -> None:
         self._db.execute("CREATE INDEX o_ext ON o (ext)")

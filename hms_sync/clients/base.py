@@ -36,7 +36,6 @@ from ..errors import (
     PermanentError,
     RateLimited,
     ServerError,
-    SystemError_,
     Unauthorized,
     ValidationFailed,
 )
@@ -106,7 +105,6 @@ class JsonClient(Generic[M]):
             follow_redirects=False,
             transport=transport,
         )
-        self._host = httpx.URL(base_url).host
         # Server text goes into our errors; a server echoing our credential must not leak it.
         self._secret = secret
         self._breaker: Unauthorized | None = None
@@ -353,10 +351,9 @@ def _summarise(errors: dict[str, list[str]]) -> str:
     return "; ".join(f"{f} {', '.join(m)}" for f, m in errors.items()) or "validation failed"
 
 
-def expect(doc: Any, key: str, kind: type, ctx: SystemError_ | dict[str, Any]) -> Any:
+def expect(doc: Any, key: str, kind: type, ctx: dict[str, Any]) -> Any:
     """`doc[key]` if it is a `kind`, else BadResponse naming what was missing."""
     value = doc.get(key) if isinstance(doc, dict) else None
     if not isinstance(value, kind):
-        c = ctx if isinstance(ctx, dict) else {"system": ctx.system}
-        raise BadResponse(f"answer has no {kind.__name__} {key!r}", **c)
+        raise BadResponse(f"answer has no {kind.__name__} {key!r}", **ctx)
     return value
